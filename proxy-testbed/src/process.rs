@@ -90,8 +90,9 @@ impl Process {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "{} did not log {needle:?} within {timeout:?}; log:\n{log}",
-                    self.inner.label
+                    "{} did not log {needle:?} within {timeout:?}; log:\n{log}\n{}",
+                    self.inner.label,
+                    where_threads_wait(self.inner.pid)
                 );
             }
             std::thread::sleep(POLL_INTERVAL);
@@ -301,6 +302,36 @@ fn die_with_this_process(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// What each thread of `pid` is doing, with its kernel stack: a child that stays silent is usually
+/// blocked in the kernel, and this says where.
+fn where_threads_wait(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(pid {pid} has no /proc entry)");
+    };
+    let mut report = format!("threads of pid {pid}:");
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|err| format!("({err})"))
+        };
+        // The state is the field after the parenthesised command name in `stat`.
+        let stat = read("stat");
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split(' ').next());
+        report += &format!(
+            "\n-- {} {} state={} wchan={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state.unwrap_or("?"),
+            read("wchan"),
+            read("stack").trim_end()
+        );
+    }
+    report
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
