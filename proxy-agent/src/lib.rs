@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod source;
+pub mod stats;

@@ -13,6 +13,7 @@ use proxy_common::{
 };
 use serde::Serialize;
 
+use crate::dataplane::maps::open;
 use crate::dataplane::plan::MapState;
 
 #[derive(Debug, PartialEq, Serialize)]
@@ -141,10 +142,7 @@ fn open_lru<K: aya::Pod, V: aya::Pod>(
     dir: &Path,
     name: &str,
 ) -> anyhow::Result<HashMap<MapData, K, V>> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?;
-    Ok(HashMap::try_from(Map::LruHashMap(data))?)
+    Ok(HashMap::try_from(Map::LruHashMap(open(dir, name)?))?)
 }
 
 /// Monotonic time as `bpf_ktime_get_ns` counts it, to turn timestamps into ages.

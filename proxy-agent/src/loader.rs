@@ -37,8 +37,8 @@ use aya::{Ebpf, EbpfLoader};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, RevNat, ServiceKey, ServiceValue,
-    SlotKey, TC_INGRESS_PROGRAM, map_names, map_sizes,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, RevNat, ServiceKey, ServiceStats,
+    ServiceValue, SlotKey, TC_INGRESS_PROGRAM, map_names, map_sizes,
 };
 
 /// The eBPF object, built by build.rs from `proxy-ebpf`.
@@ -77,7 +77,7 @@ struct MapShape {
 }
 
 impl MapSizes {
-    fn shapes(&self) -> [MapShape; 7] {
+    fn shapes(&self) -> [MapShape; 8] {
         use std::mem::size_of;
         let shape = |name, kind, key_size, value_size, max_entries| MapShape {
             name,
@@ -131,7 +131,24 @@ impl MapSizes {
                 self.affinity,
             ),
             shape(map_names::CONFIG, MapType::Array, 4, size_of::<Config>(), 1),
+            // A set has at least one frontend, so there are never more sets than frontends.
+            shape(
+                map_names::STATS,
+                MapType::PerCpuHash,
+                4,
+                size_of::<ServiceStats>(),
+                self.services,
+            ),
         ]
+    }
+}
+
+impl MapSizes {
+    /// Each map's maximum entries, by name (the fixed-size CONFIG left out).
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        let shapes = self.shapes().into_iter();
+        let sized = shapes.filter(|shape| shape.name != map_names::CONFIG);
+        sized.map(|shape| (shape.name, shape.max_entries)).collect()
     }
 }
 

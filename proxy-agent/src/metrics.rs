@@ -2,14 +2,15 @@
 //!
 //! Control-plane metrics: what the agent knows, what it refused, how its syncs go, how its
 //! watches fare. Everything here is updated by the one task that syncs (and the watch source),
-//! so the values are consistent with the last sync the logs report.
+//! so the values are consistent with the last sync the logs report. The datapath's own counters
+//! and map fill levels are read at each scrape ([`crate::stats`]).
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,6 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::warn;
+
+use crate::stats::DatapathMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -47,7 +50,15 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    /// The control-plane metrics alone.
     fn default() -> Self {
+        Metrics::new(None)
+    }
+}
+
+impl Metrics {
+    /// The control-plane metrics, and the datapath's if given.
+    pub fn new(datapath: Option<Arc<DatapathMetrics>>) -> Metrics {
         let mut registry = Registry::with_prefix("proxy");
         let metrics = Metrics {
             services: Gauge::default(),
@@ -103,14 +114,15 @@ impl Default for Metrics {
             "Failed watch or list requests to the Kubernetes API, retried",
             metrics.watch_failures.clone(),
         );
+        if let Some(datapath) = datapath {
+            registry.register_collector(Box::new(datapath));
+        }
         Metrics {
             registry,
             ..metrics
         }
     }
-}
 
-impl Metrics {
     pub fn kind(kind: &str) -> KindLabel {
         KindLabel {
             kind: kind.to_string(),
@@ -125,47 +137,61 @@ impl Metrics {
     }
 }
 
-/// Binds `--metrics-address` (failing at start, naming the flag) and serves it forever.
-pub async fn serve(
-    address: SocketAddr,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<impl Future<Output = ()>> {
-    let listener = tokio::net::TcpListener::bind(address)
+/// Binds `--metrics-address`, so that a bad one fails at start, naming the flag.
+pub async fn listen(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
         .await
-        .with_context(|| format!("--metrics-address {address}: cannot listen"))?;
-    Ok(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    warn!("metrics: accepting a connection: {error}");
-                    continue;
-                }
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&metrics, &request)) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                // A client that goes away mid-answer is its own business.
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    })
+        .with_context(|| format!("--metrics-address {address}: cannot listen"))
 }
 
-fn respond<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
-    let (status, body) = match request.uri().path() {
-        "/metrics" => (StatusCode::OK, metrics.encode()),
-        _ => (
+/// Serves `metrics` on `listener` forever.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                warn!("metrics: accepting a connection: {error}");
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let metrics = metrics.clone();
+                async move {
+                    // A scrape reads the datapath's maps with system calls: off the workers.
+                    let path = request.uri().path().to_owned();
+                    let response = tokio::task::spawn_blocking(move || respond(&metrics, &path))
+                        .await
+                        .unwrap_or_else(|_| {
+                            text_response(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "scrape failed\n".into(),
+                            )
+                        });
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            // A client that goes away mid-answer is its own business.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/metrics" => text_response(StatusCode::OK, metrics.encode()),
+        _ => text_response(
             StatusCode::NOT_FOUND,
             "only /metrics is served here\n".to_string(),
         ),
-    };
+    }
+}
+
+fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(

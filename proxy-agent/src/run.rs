@@ -33,6 +33,7 @@ use crate::metrics::{Metrics, OutcomeLabel};
 use crate::model::{Changes, Compiler, Store};
 use crate::source::directory::ManifestDir;
 use crate::source::kube::{KubeSource, WatchSettings};
+use crate::stats::DatapathMetrics;
 
 /// Where the Services come from.
 pub enum SourceConfig {
@@ -61,10 +62,12 @@ const SYNC_RETRY: Duration = Duration::from_secs(1);
 const DEVICE_RESYNC: Duration = Duration::from_secs(10);
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    tokio::spawn(crate::metrics::serve(config.metrics_address, metrics.clone()).await?);
+    let metrics_listener = crate::metrics::listen(config.metrics_address).await?;
     loader::ensure_bpffs()?;
     let mut datapath = Datapath::load(&config.bpf_dir, &config.map_sizes)?;
+    let datapath_metrics = Arc::new(DatapathMetrics::open(&config.bpf_dir, &config.map_sizes)?);
+    let metrics = Arc::new(Metrics::new(Some(datapath_metrics.clone())));
+    tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     let mut maps = Maps::open_pinned(&config.bpf_dir)?;
     maps.write_config(Config {
         hairpin_addr: ipv4(config.hairpin_address),
@@ -101,7 +104,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             changed = source.next_change() => changed?,
         }
     }
-    let mut syncer = Syncer::new(&config.node_name, metrics);
+    let mut syncer = Syncer::new(&config.node_name, metrics, datapath_metrics);
     // A failed sync (a full map) is reported and retried, never fatal: the maps hold a
     // consistent prefix of the plan, and traffic to what made it in is served.
     if let Err(error) = syncer.sync(&mut source, &mut dataplane) {
@@ -275,6 +278,7 @@ impl Source {
 struct Syncer {
     compiler: Compiler,
     metrics: Arc<Metrics>,
+    datapath_metrics: Arc<DatapathMetrics>,
     /// (kind, message) of every problem reported and not yet fixed.
     reported: BTreeSet<(&'static str, String)>,
     /// The last sync failed (a full map?): it is tried again even if nothing changed.
@@ -296,10 +300,15 @@ fn return_freed_memory() {
 const PROBLEM_KINDS: [&str; 3] = ["Service", "EndpointSlice", "manifest"];
 
 impl Syncer {
-    fn new(node_name: &str, metrics: Arc<Metrics>) -> Syncer {
+    fn new(
+        node_name: &str,
+        metrics: Arc<Metrics>,
+        datapath_metrics: Arc<DatapathMetrics>,
+    ) -> Syncer {
         Syncer {
             compiler: Compiler::new(node_name),
             metrics,
+            datapath_metrics,
             reported: BTreeSet::new(),
             failed: false,
         }
@@ -339,6 +348,8 @@ impl Syncer {
             .backend_sets
             .set(desired.backend_sets.len() as i64);
         let result = dataplane.sync(desired, &changed);
+        self.datapath_metrics
+            .record_sync(&changed, dataplane.state());
         self.failed = result.is_err();
         let outcome = if self.failed { "failed" } else { "ok" };
         self.metrics

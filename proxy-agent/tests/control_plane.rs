@@ -241,6 +241,69 @@ fn the_datapath_follows_the_api() {
 }
 
 #[test]
+fn the_metrics_count_each_services_flows_refusals_and_map_entries() {
+    let _shared = shared_machine();
+    let c = cluster();
+    c.serve_web(&c.pods[0]);
+    let web = "namespace=\"default\",service=\"web\",port=\"http\",protocol=\"TCP\"";
+    let flows_before = sample(&c.metrics(), &format!("proxy_service_flows_total{{{web}}}"));
+    for _ in 0..20 {
+        assert!(answered_by(&c.client, vip(10), &c.pods[0]));
+    }
+    let metrics = c.metrics();
+    // Each connection is one flow, whatever its packets; a retransmitted SYN is not a new one.
+    assert_eq!(
+        sample(&metrics, &format!("proxy_service_flows_total{{{web}}}")) - flows_before,
+        20.0
+    );
+    // At least SYN, ACK, request and FIN per connection, in the client-to-Service direction.
+    assert!(sample(&metrics, &format!("proxy_service_packets_total{{{web}}}")) >= 80.0);
+    assert!(sample(&metrics, &format!("proxy_service_bytes_total{{{web}}}")) >= 80.0 * 54.0);
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("proxy_service_affinity_hits_total{{{web}}}")
+        ),
+        0.0
+    );
+    assert_eq!(sample(&metrics, "proxy_map_entries{map=\"SERVICES\"}"), 1.0);
+    assert_eq!(sample(&metrics, "proxy_map_entries{map=\"BACKENDS\"}"), 1.0);
+    assert_eq!(sample(&metrics, "proxy_map_entries{map=\"STATS\"}"), 1.0);
+    // Two entries per flow, until they expire (60 s after the FIN).
+    assert!(sample(&metrics, "proxy_map_entries{map=\"CONNTRACK\"}") >= 40.0);
+    assert_eq!(
+        sample(&metrics, "proxy_map_capacity{map=\"SERVICES\"}"),
+        65536.0
+    );
+
+    // Without endpoints every connection is refused, and counted as such.
+    c.api.apply(slice("web", &[]));
+    eventually(RECOVERY, "an empty Service refuses", || {
+        refused(&c.client, vip(10))
+    });
+    let refused_before = sample(
+        &c.metrics(),
+        &format!("proxy_service_refused_flows_total{{{web}}}"),
+    );
+    for _ in 0..5 {
+        assert!(refused(&c.client, vip(10)));
+    }
+    assert_eq!(
+        sample(
+            &c.metrics(),
+            &format!("proxy_service_refused_flows_total{{{web}}}")
+        ) - refused_before,
+        5.0
+    );
+
+    // A deleted Service's series goes with it.
+    c.api.delete(Kind::Service, "default", "web");
+    eventually(RECOVERY, "the deleted Service's counters are gone", || {
+        !c.metrics().contains("service=\"web\"")
+    });
+}
+
+#[test]
 fn a_restarted_agent_deletes_nothing_before_its_lists_complete_and_sweeps_after() {
     let _shared = shared_machine();
     let mut c = cluster();

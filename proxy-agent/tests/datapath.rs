@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
@@ -20,7 +20,8 @@ use proxy_agent::model::{
     BackendSet, DesiredState, EndpointInfo, Frontend, ObjectRef, Protocol, ServicePortName,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, CT_FORWARD, CT_REPLY, Config, CtKey, CtValue, ipv4, map_names, port,
+    AffinityKey, AffinityValue, CT_FORWARD, CT_REPLY, Config, CtKey, CtValue, ServiceStats, ipv4,
+    map_names, port,
 };
 
 /// TC_ACT_UNSPEC (-1), TCX_NEXT: the packet goes on to the device's next program and the stack.
@@ -156,6 +157,24 @@ impl Harness {
     fn affinity(&self) -> HashMap<MapData, AffinityKey, AffinityValue> {
         let map = MapData::from_pin(self.dir.join(map_names::AFFINITY)).unwrap();
         HashMap::try_from(Map::LruHashMap(map)).unwrap()
+    }
+
+    /// The `STATS` entry of set `svc_id`, summed over the CPUs; `None` if there is none.
+    fn stats(&self, svc_id: u32) -> Option<ServiceStats> {
+        let map = MapData::from_pin(self.dir.join(map_names::STATS)).unwrap();
+        let map = PerCpuHashMap::<_, u32, ServiceStats>::try_from(Map::PerCpuHashMap(map)).unwrap();
+        let per_cpu = map.get(&svc_id, 0).ok()?;
+        Some(
+            per_cpu
+                .iter()
+                .fold(ServiceStats::default(), |sum, cpu| ServiceStats {
+                    packets: sum.packets + cpu.packets,
+                    bytes: sum.bytes + cpu.bytes,
+                    flows: sum.flows + cpu.flows,
+                    refused: sum.refused + cpu.refused,
+                    affinity_hits: sum.affinity_hits + cpu.affinity_hits,
+                }),
+        )
     }
 
     fn svc_id(&self) -> u32 {
@@ -738,4 +757,116 @@ fn a_full_map_is_a_reported_error_and_a_later_sync_that_fits_recovers() {
             backend(0, 8080)
         );
     }
+}
+
+/// A Service port, the packets sent to it, and the counters they must leave.
+struct CountCase {
+    case: &'static str,
+    protocol: Protocol,
+    backends: &'static [Ipv4Addr],
+    affinity: Option<u32>,
+    packets: Vec<Vec<u8>>,
+    /// packets, flows, refused, affinity hits
+    counted: [u64; 4],
+}
+
+#[test]
+fn every_packet_to_a_frontend_is_counted_in_its_sets_stats() {
+    let other_pod = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 99), 80);
+    let syn = |port| tcp(client(port), vip(80), Tcp::Syn, b"");
+    let cases = [
+        CountCase {
+            case: "a new TCP flow and its packets",
+            protocol: Protocol::Tcp,
+            backends: &BACKENDS,
+            affinity: None,
+            packets: vec![
+                syn(40000),
+                tcp(client(40000), vip(80), Tcp::Ack, b"GET /"),
+                tcp(client(40000), vip(80), Tcp::Fin, b""),
+            ],
+            counted: [3, 1, 0, 0],
+        },
+        CountCase {
+            case: "traffic to other addresses and ports is not the Service's",
+            protocol: Protocol::Tcp,
+            backends: &BACKENDS,
+            affinity: None,
+            packets: vec![
+                tcp(client(40000), vip(81), Tcp::Syn, b""),
+                tcp(client(40000), other_pod, Tcp::Syn, b""),
+            ],
+            counted: [0, 0, 0, 0],
+        },
+        CountCase {
+            case: "UDP datagrams of one flow",
+            protocol: Protocol::Udp,
+            backends: &BACKENDS,
+            affinity: None,
+            packets: vec![udp(client(5353), vip(80), b"a"); 3],
+            counted: [3, 1, 0, 0],
+        },
+        CountCase {
+            case: "no backend: every new flow refused",
+            protocol: Protocol::Tcp,
+            backends: &[],
+            affinity: None,
+            packets: vec![syn(40001), syn(40002)],
+            counted: [2, 0, 2, 0],
+        },
+        CountCase {
+            case: "ClientIP affinity: flows after the first hit the remembered backend",
+            protocol: Protocol::Tcp,
+            backends: &BACKENDS,
+            affinity: Some(60),
+            packets: vec![syn(40001), syn(40002), syn(40003)],
+            counted: [3, 3, 0, 2],
+        },
+    ];
+    for CountCase {
+        case,
+        protocol,
+        backends,
+        affinity,
+        packets,
+        counted: [sent, flows, refused, hits],
+    } in cases
+    {
+        let mut h = Harness::new();
+        h.service(protocol, 80, 8080, backends, affinity);
+        let svc_id = h.svc_id();
+        assert_eq!(
+            h.stats(svc_id),
+            Some(ServiceStats::default()),
+            "{case}: a new set starts at zero"
+        );
+        let mut bytes = 0;
+        for packet in &packets {
+            h.run(packet);
+            bytes += packet.len() as u64;
+        }
+        let expected = ServiceStats {
+            packets: sent,
+            bytes: if sent == 0 { 0 } else { bytes },
+            flows,
+            refused,
+            affinity_hits: hits,
+        };
+        assert_eq!(h.stats(svc_id), Some(expected), "{case}");
+    }
+}
+
+#[test]
+fn a_removed_services_counters_go_with_it() {
+    let mut h = Harness::new();
+    h.service(Protocol::Tcp, 80, 8080, &BACKENDS, None);
+    let old = h.svc_id();
+    h.run(&tcp(client(40000), vip(80), Tcp::Syn, b""));
+    assert_eq!(h.stats(old).map(|s| s.packets), Some(1));
+    // The port changes: a new frontend, so a new set, with counters from zero.
+    h.service(Protocol::Tcp, 81, 8080, &BACKENDS, None);
+    let new = h.svc_id();
+    assert_ne!(new, old);
+    assert_eq!(h.stats(old), None, "the old set's counters are deleted");
+    assert_eq!(h.stats(new), Some(ServiceStats::default()));
 }

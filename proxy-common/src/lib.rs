@@ -21,6 +21,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const AFFINITY: &str = "AFFINITY";
     pub const CONFIG: &str = "CONFIG";
+    pub const STATS: &str = "STATS";
 }
 
 /// Default map capacities; the agent can override each one at load time.
@@ -32,6 +33,8 @@ pub mod map_sizes {
     pub const REVNAT: u32 = SERVICES;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
+    /// One entry per backend set, and there are never more sets than frontends.
+    pub const STATS: u32 = SERVICES;
 }
 
 /// Name of the TC program in the object file.
@@ -219,6 +222,26 @@ pub struct Config {
     pub flags: u32,
 }
 
+/// `STATS` value (per CPU), keyed by a backend set's `svc_id`: what the datapath did for one
+/// Service port, counted in the client-to-Service direction (replies are not counted). The agent
+/// creates the entry, zeroed, before the set's first frontend and deletes it with the set, so the
+/// datapath only ever updates entries and a counter never outlives its set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceStats {
+    /// Packets addressed to one of the set's frontends, translated or refused.
+    pub packets: u64,
+    /// Their bytes, as the packet's length at TC (L2 header included).
+    pub bytes: u64,
+    /// Flows given a backend (new conntrack entries).
+    pub flows: u64,
+    /// New flows refused because the set had no backend (TCP RST / ICMP port unreachable).
+    pub refused: u64,
+    /// New flows sent to the client's remembered backend (`sessionAffinity: ClientIP`).
+    pub affinity_hits: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -234,6 +257,7 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
 
 #[cfg(test)]
@@ -254,6 +278,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<ServiceStats>(), 40);
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!                   \-> refuse (TCP RST / ICMP port unreachable) when the frontend has no backend
 //! ```
 //!
+//! Every packet addressed to a frontend is counted in its backend set's per-CPU `STATS` entry
+//! (packets, bytes, new flows, refusals, affinity hits): one more lookup per packet.
+//!
 //! Per packet the work is a constant number of map lookups, whatever the number of Services or
 //! backends: no loop ever walks a backend or frontend list.
 //!
@@ -33,10 +36,10 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CT_F_CLOSING, CT_F_HAIRPIN, CT_FORWARD, CT_REPLY,
     CT_TIMEOUT_CLOSING_NS, CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, IPPROTO_TCP,
-    RevNat, SCOPE_INTERNAL, ServiceKey, ServiceValue, SlotKey,
+    RevNat, SCOPE_INTERNAL, ServiceKey, ServiceStats, ServiceValue, SlotKey,
 };
 
-use crate::maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, CONFIG, CONNTRACK, REVNAT, SERVICES};
+use crate::maps::{AFFINITY, BACKEND_SLOTS, BACKENDS, CONFIG, CONNTRACK, REVNAT, SERVICES, STATS};
 use crate::packet::{Packet, TCP_FIN, TCP_RST};
 
 /// "Not decided here" (TCX_NEXT): the packet goes on to the device's next program or tc filter,
@@ -65,22 +68,55 @@ fn process(ctx: &TcContext) -> Result<i32, Broken> {
     let Some(service) = lookup_service(&pkt) else {
         return Ok(PASS);
     };
+    let stats = Counting::start(&service, ctx.len());
     let flow = match ct_lookup(&pkt, &service, now) {
         Lookup::Established(flow) => flow,
         Lookup::New { replace } => {
             if service.backend_count == 0 {
+                stats.count(|s| s.refused += 1);
                 return refuse::refuse(ctx, &pkt);
             }
-            let Some((backend_id, backend)) = select_backend(&service, &pkt, now) else {
+            let Some((backend_id, backend, remembered)) = select_backend(&service, &pkt, now)
+            else {
                 // The slot table disagrees with the frontend (never left so by the agent's
                 // write order): refusing is the honest answer, like a frontend with no backend.
+                stats.count(|s| s.refused += 1);
                 return refuse::refuse(ctx, &pkt);
             };
+            stats.count(|s| {
+                s.flows += 1;
+                s.affinity_hits += u64::from(remembered);
+            });
             ct_create(&pkt, &service, backend_id, &backend, now, replace)
         }
     };
     dnat(ctx, &pkt, &flow)?;
     forward::forward(ctx, &pkt)
+}
+
+/// The calling CPU's `STATS` entry of a packet's backend set. The agent creates the entry with the
+/// set, so a missing one (a set an old agent made before counters existed, until the next full
+/// sync) only means this packet is not counted.
+struct Counting(Option<*mut ServiceStats>);
+
+impl Counting {
+    /// Looks the entry up and counts the packet and its `len` bytes.
+    fn start(service: &ServiceValue, len: u32) -> Counting {
+        let counting = Counting(STATS.get_ptr_mut(service.svc_id));
+        counting.count(|s| {
+            s.packets += 1;
+            s.bytes += u64::from(len);
+        });
+        counting
+    }
+
+    fn count(&self, update: impl FnOnce(&mut ServiceStats)) {
+        if let Some(stats) = self.0 {
+            // SAFETY: a pointer from a successful lookup into this CPU's copy of a per-CPU entry:
+            // nothing else writes it while this program runs (programs do not migrate CPUs).
+            update(unsafe { &mut *stats });
+        }
+    }
 }
 
 /// Where a flow goes: its backend, and whether its source is rewritten to the hairpin address.
@@ -253,8 +289,9 @@ fn ct_lookup(pkt: &Packet, service: &ServiceValue, now: u64) -> Lookup {
 }
 
 /// Picks the backend of a new flow: the client's affinity backend while it is fresh and still in
-/// the set, otherwise a uniformly random slot of the current generation.
-fn select_backend(service: &ServiceValue, pkt: &Packet, now: u64) -> Option<(u32, Backend)> {
+/// the set, otherwise a uniformly random slot of the current generation. The flag says which
+/// (`true`: the remembered backend).
+fn select_backend(service: &ServiceValue, pkt: &Packet, now: u64) -> Option<(u32, Backend, bool)> {
     let affinity_key = AffinityKey {
         svc_id: service.svc_id,
         client_addr: pkt.saddr,
@@ -269,7 +306,7 @@ fn select_backend(service: &ServiceValue, pkt: &Packet, now: u64) -> Option<(u32
             && let Some(backend) = backend_still(entry.backend_id, service)
         {
             entry.last_used_ns = now;
-            return Some((entry.backend_id, backend));
+            return Some((entry.backend_id, backend, true));
         }
     }
     let slot = SlotKey {
@@ -289,7 +326,7 @@ fn select_backend(service: &ServiceValue, pkt: &Packet, now: u64) -> Option<(u32
         // An LRU map makes room by itself; a failed insert only costs stickiness.
         let _ = AFFINITY.insert(affinity_key, value, 0);
     }
-    Some((backend_id, backend))
+    Some((backend_id, backend, false))
 }
 
 /// Records both directions of a new flow. Two CPUs may see a flow's first packets at once (a

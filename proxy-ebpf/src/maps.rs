@@ -2,11 +2,11 @@
 //! defaults; the agent may override them at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, RevNat, ServiceKey, ServiceValue,
-    SlotKey, map_sizes,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, RevNat, ServiceKey, ServiceStats,
+    ServiceValue, SlotKey, map_sizes,
 };
 
 #[map]
@@ -30,3 +30,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Per-CPU, so counting costs no atomic operation and no cache line shared between CPUs.
+#[map]
+pub static STATS: PerCpuHashMap<u32, ServiceStats> = PerCpuHashMap::pinned(map_sizes::STATS, 0);

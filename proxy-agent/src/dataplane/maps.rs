@@ -3,8 +3,11 @@
 use std::path::Path;
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use proxy_common::{Backend, Config, RevNat, ServiceKey, ServiceValue, SlotKey, map_names};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::sys::SyscallError;
+use proxy_common::{
+    Backend, Config, RevNat, ServiceKey, ServiceStats, ServiceValue, SlotKey, map_names,
+};
 
 use super::plan::{MapState, MapWrite};
 
@@ -13,10 +16,11 @@ pub struct Maps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
     revnats: HashMap<MapData, u32, RevNat>,
+    stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     config: Array<MapData, Config>,
 }
 
-fn open(dir: &Path, name: &str) -> anyhow::Result<MapData> {
+pub(crate) fn open(dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = dir.join(name);
     MapData::from_pin(&path).with_context(|| {
         format!(
@@ -33,6 +37,7 @@ impl Maps {
             slots: HashMap::try_from(Map::HashMap(open(dir, map_names::BACKEND_SLOTS)?))?,
             backends: HashMap::try_from(Map::HashMap(open(dir, map_names::BACKENDS)?))?,
             revnats: HashMap::try_from(Map::HashMap(open(dir, map_names::REVNAT)?))?,
+            stats: PerCpuHashMap::try_from(Map::PerCpuHashMap(open(dir, map_names::STATS)?))?,
             config: Array::try_from(Map::Array(open(dir, map_names::CONFIG)?))?,
         })
     }
@@ -56,6 +61,10 @@ impl Maps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .context("reading REVNAT")?,
+            self.stats
+                .keys()
+                .collect::<Result<_, _>>()
+                .context("reading STATS")?,
         ))
     }
 
@@ -86,6 +95,13 @@ impl Maps {
             MapWrite::DeleteRevNat(id) => {
                 (map_names::REVNAT, ignore_missing(self.revnats.remove(&id)))
             }
+            MapWrite::PutStats(svc_id) => (
+                map_names::STATS,
+                zero_stats().and_then(|zero| self.stats.insert(svc_id, zero, 0)),
+            ),
+            MapWrite::DeleteStats(svc_id) => {
+                (map_names::STATS, ignore_missing(self.stats.remove(&svc_id)))
+            }
         };
         result.map_err(|source| WriteError { map, source })
     }
@@ -93,6 +109,20 @@ impl Maps {
     pub fn write_config(&mut self, config: Config) -> anyhow::Result<()> {
         self.config.set(0, config, 0).context("writing CONFIG")
     }
+}
+
+/// A `STATS` value of zeroes: one for each CPU the kernel may ever bring online.
+fn zero_stats() -> Result<PerCpuValues<ServiceStats>, MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| SyscallError {
+        call: "reading /sys/devices/system/cpu/possible",
+        io_error,
+    })?;
+    PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|io_error| {
+        MapError::from(SyscallError {
+            call: "bpf_map_update_elem",
+            io_error,
+        })
+    })
 }
 
 /// Deleting what is already gone reaches the state the delete wanted.

@@ -11,9 +11,14 @@
 //!    puts;
 //! 1. `BACKENDS` puts (new and changed backends);
 //! 2. `BACKEND_SLOTS` puts of new generations (the old generation stays readable);
-//! 3. `REVNAT` puts;
+//! 3. `REVNAT` puts, and `STATS` entries (zeroed) for new sets;
 //! 4. `SERVICES` puts: one update per frontend flips it to the new generation;
-//! 5. `SERVICES` deletes, then 6. slot, 7. backend and 8. revnat deletes of what nothing names.
+//! 5. `SERVICES` deletes, then 6. slot, 7. backend, 8. revnat and 9. `STATS` deletes of what
+//!    nothing names.
+//!
+//! `STATS` is not needed for translation, but creating a set's counters before its first
+//! frontend and deleting them after its last means every packet a frontend takes is counted, and
+//! a set's counters never survive it (a new set starts at zero).
 //!
 //! Ids: a backend set keeps the `svc_id` its frontends already have in the maps, and a backend
 //! keeps its id while its address stays in the set (orphans of the set included), so conntrack
@@ -44,6 +49,8 @@ pub struct MapState {
     slots: BTreeMap<SlotKey, u32>,
     backends: BTreeMap<u32, Backend>,
     revnats: BTreeMap<u32, RevNat>,
+    /// The sets with a `STATS` entry (the counts are the datapath's, never mirrored).
+    stats: BTreeSet<u32>,
     /// svc_id -> (address, port) -> backend id.
     owned: BTreeMap<u32, BTreeMap<(u32, u16), u32>>,
 }
@@ -58,6 +65,9 @@ pub enum MapWrite {
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
     DeleteRevNat(u32),
+    /// Creates (or resets) the set's `STATS` entry: zero on every CPU.
+    PutStats(u32),
+    DeleteStats(u32),
 }
 
 impl MapState {
@@ -67,11 +77,13 @@ impl MapState {
         slots: BTreeMap<SlotKey, u32>,
         backends: BTreeMap<u32, Backend>,
         revnats: BTreeMap<u32, RevNat>,
+        stats: BTreeSet<u32>,
     ) -> MapState {
         let mut state = MapState {
             services,
             slots,
             revnats,
+            stats,
             ..MapState::default()
         };
         for (id, backend) in backends {
@@ -96,6 +108,10 @@ impl MapState {
         &self.revnats
     }
 
+    pub fn stats(&self) -> &BTreeSet<u32> {
+        &self.stats
+    }
+
     /// Mirrors one write that the kernel accepted.
     pub fn apply(&mut self, write: &MapWrite) {
         match *write {
@@ -117,6 +133,8 @@ impl MapState {
                 }
             }
             MapWrite::DeleteRevNat(id) => drop(self.revnats.remove(&id)),
+            MapWrite::PutStats(svc_id) => drop(self.stats.insert(svc_id)),
+            MapWrite::DeleteStats(svc_id) => drop(self.stats.remove(&svc_id)),
         }
     }
 
@@ -205,6 +223,7 @@ impl IdAllocator {
         let max_svc = state.services.values().map(|v| v.svc_id);
         let max_slot_svc = state.slots.keys().map(|k| k.svc_id);
         let max_owner = state.backends.values().map(|b| b.svc_id);
+        let max_stats = state.stats.iter().copied();
         let max_backend = state
             .backends
             .keys()
@@ -219,6 +238,7 @@ impl IdAllocator {
             next_svc: max_svc
                 .chain(max_slot_svc)
                 .chain(max_owner)
+                .chain(max_stats)
                 .max()
                 .unwrap_or(0)
                 .wrapping_add(1)
@@ -255,11 +275,13 @@ struct Writes {
     backend_puts: Vec<MapWrite>,
     slot_puts: Vec<MapWrite>,
     revnat_puts: Vec<MapWrite>,
+    stats_puts: Vec<MapWrite>,
     service_puts: Vec<MapWrite>,
     service_deletes: Vec<MapWrite>,
     slot_deletes: Vec<MapWrite>,
     backend_deletes: Vec<MapWrite>,
     revnat_deletes: Vec<MapWrite>,
+    stats_deletes: Vec<MapWrite>,
 }
 
 impl Writes {
@@ -269,11 +291,13 @@ impl Writes {
             self.backend_puts,
             self.slot_puts,
             self.revnat_puts,
+            self.stats_puts,
             self.service_puts,
             self.service_deletes,
             self.slot_deletes,
             self.backend_deletes,
             self.revnat_deletes,
+            self.stats_deletes,
         ]
         .concat()
     }
@@ -347,6 +371,12 @@ pub fn plan(current: &MapState, desired: &DesiredState, ids: &mut IdAllocator) -
         .filter(|id| named_revnats.contains(*id) && !live.revnats.contains(*id))
         .map(|id| MapWrite::DeleteRevNat(*id))
         .collect();
+    writes.stats_deletes = current
+        .stats
+        .iter()
+        .filter(|svc_id| !live.svc_ids.contains(*svc_id))
+        .map(|svc_id| MapWrite::DeleteStats(*svc_id))
+        .collect();
     writes.into_vec()
 }
 
@@ -389,6 +419,11 @@ pub fn plan_changes(
         .chain(planned_svc_ids)
         .filter(|svc_id| !untouched_svc_ids.contains(svc_id))
         .collect::<BTreeSet<u32>>();
+    let dead_svc_ids: Vec<u32> = touched_svc_ids
+        .iter()
+        .copied()
+        .filter(|svc_id| !live.svc_ids.contains(svc_id))
+        .collect();
     writes.service_deletes = touched
         .iter()
         .filter(|key| current.services.contains_key(*key) && !live.services.contains(*key))
@@ -422,6 +457,11 @@ pub fn plan_changes(
         .into_iter()
         .map(MapWrite::DeleteRevNat)
         .collect();
+    writes.stats_deletes = dead_svc_ids
+        .into_iter()
+        .filter(|svc_id| current.stats.contains(svc_id))
+        .map(MapWrite::DeleteStats)
+        .collect();
     writes.into_vec()
 }
 
@@ -441,6 +481,9 @@ fn plan_set(
         .find(|value| !live.svc_ids.contains(&value.svc_id));
     let svc_id = existing.map_or_else(|| IdAllocator::take(&mut ids.next_svc), |v| v.svc_id);
     live.svc_ids.insert(svc_id);
+    if !current.stats.contains(&svc_id) {
+        writes.stats_puts.push(MapWrite::PutStats(svc_id));
+    }
     let serving = existing.and_then(|value| Some((value.generation, current.serving(value)?)));
 
     // A backend keeps its id while its address stays in the set.

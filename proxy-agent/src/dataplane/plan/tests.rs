@@ -47,9 +47,13 @@ fn desired(sets: &[(&str, BackendSet)]) -> DesiredState {
     }
 }
 
-/// The datapath's view: every frontend's slots and backends resolve.
+/// The datapath's view: every frontend's slots and backends resolve, and its set is counted.
 fn assert_consistent(state: &MapState, after: &MapWrite) {
     for (key, value) in &state.services {
+        assert!(
+            state.stats.contains(&value.svc_id),
+            "{key:?} has no STATS entry after {after:?}"
+        );
         assert!(
             state.revnats.contains_key(&value.revnat_id),
             "{key:?} lost its revnat after {after:?}"
@@ -103,6 +107,11 @@ fn step(state: &mut MapState, ids: &mut IdAllocator, desired: &DesiredState) -> 
         assert_consistent(state, write);
     }
     assert_eq!(reachable(state), expected(desired));
+    assert_eq!(
+        state.stats,
+        state.services.values().map(|v| v.svc_id).collect(),
+        "counters exist for the programmed sets, and only for them"
+    );
     assert_eq!(
         plan(state, desired, ids),
         vec![],
@@ -418,5 +427,49 @@ fn orphans_of_a_failed_sync_are_reused_or_deleted_before_any_put() {
     assert_eq!(
         state.backends.keys().copied().collect::<Vec<_>>(),
         vec![id_of[&3]]
+    );
+}
+
+#[test]
+fn counters_come_and_go_with_their_set() {
+    let mut state = MapState::default();
+    let mut ids = IdAllocator::after(&state);
+    let a = desired(&[("a", set(&[frontend(VIP, 80)], &[1]))]);
+    let writes = step(&mut state, &mut ids, &a);
+    let svc_id = state.services.values().next().unwrap().svc_id;
+    let put = writes.iter().position(|w| *w == MapWrite::PutStats(svc_id));
+    let frontend_put = writes
+        .iter()
+        .position(|w| matches!(w, MapWrite::PutService(..)));
+    assert!(
+        put < frontend_put,
+        "counters before the frontend: {writes:?}"
+    );
+
+    // An endpoint change keeps the counters: the set is the same.
+    let a2 = desired(&[("a", set(&[frontend(VIP, 80)], &[1, 2]))]);
+    let writes = step(&mut state, &mut ids, &a2);
+    assert!(!writes.iter().any(|w| matches!(w, MapWrite::PutStats(_))));
+
+    // Removing the Service removes its counters, last.
+    let writes = step(&mut state, &mut ids, &DesiredState::default());
+    assert_eq!(writes.last(), Some(&MapWrite::DeleteStats(svc_id)));
+}
+
+#[test]
+fn an_adopted_set_without_counters_gets_them_and_leftover_counters_go() {
+    let mut state = MapState::default();
+    let mut ids = IdAllocator::after(&state);
+    let d = desired(&[("a", set(&[frontend(VIP, 80)], &[1]))]);
+    step(&mut state, &mut ids, &d);
+    let svc_id = state.services.values().next().unwrap().svc_id;
+    // Maps an agent without counters wrote, plus counters of a set a crash left behind.
+    state.apply(&MapWrite::DeleteStats(svc_id));
+    state.apply(&MapWrite::PutStats(40));
+    let mut ids = IdAllocator::after(&state);
+    let writes = step(&mut state, &mut ids, &d);
+    assert_eq!(
+        writes,
+        vec![MapWrite::PutStats(svc_id), MapWrite::DeleteStats(40)]
     );
 }
