@@ -266,12 +266,43 @@ fn serve_tcp(listener: TcpListener, greeting: &Arc<[u8]>, stop: &Arc<AtomicBool>
 fn echo(mut stream: TcpStream, greeting: &[u8], stop: &AtomicBool) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(STOP_CHECK))?;
-    stream.write_all(greeting)?;
+    stream.set_write_timeout(Some(STOP_CHECK))?;
+    write_unless_stopped(&mut stream, greeting, stop)?;
     let mut buf = [0u8; 16 * 1024];
     while !stop.load(Ordering::Relaxed) {
         match stream.read(&mut buf) {
             Ok(0) => return Ok(()),
-            Ok(len) => stream.write_all(&buf[..len])?,
+            Ok(len) => write_unless_stopped(&mut stream, &buf[..len], stop)?,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `data`, waiting as long as the peer reads slowly, but not past a stop: a peer
+/// that stops reading must not keep the server (and the testbed's drop, which joins it) blocked.
+fn write_unless_stopped(
+    stream: &mut TcpStream,
+    mut data: &[u8],
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the server stopped",
+            ));
+        }
+        match stream.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => data = &data[written..],
             Err(err)
                 if matches!(
                     err.kind(),
