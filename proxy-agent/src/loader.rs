@@ -196,6 +196,15 @@ pub enum Attached {
 }
 
 impl Datapath {
+    /// Lets go of the datapath and removes it: the links (detaching the program everywhere),
+    /// then the maps, whose memory the kernel frees with the last pin. Returns what was removed.
+    pub fn uninstall(self) -> anyhow::Result<Vec<PathBuf>> {
+        let dir = self.dir.clone();
+        // The pin directory's lock goes with `self`; `uninstall` takes it again.
+        drop(self);
+        uninstall(&dir)
+    }
+
     /// Loads the program against the maps pinned in `dir`, creating and pinning them if absent.
     pub fn load(dir: &Path, sizes: &MapSizes) -> anyhow::Result<Datapath> {
         fs::DirBuilder::new()

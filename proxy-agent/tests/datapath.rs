@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use aya::programs::{TestRun, TestRunOptions};
@@ -42,7 +41,8 @@ const BACKENDS: [Ipv4Addr; 3] = [
 /// A loaded datapath on its own pin directory, removed on drop.
 struct Harness {
     dir: PathBuf,
-    datapath: Datapath,
+    /// Taken by the drop, which must let go of it to remove it.
+    datapath: Option<Datapath>,
     dataplane: Dataplane,
     /// What the maps were last synced to.
     desired: DesiredState,
@@ -58,17 +58,12 @@ impl Harness {
             nix::unistd::geteuid().is_root(),
             "packet tests need root (CAP_BPF, CAP_SYS_ADMIN): run `cargo xtask test` as root"
         );
-        static NEXT: AtomicU32 = AtomicU32::new(0);
         // Each test runs on its own thread: a network namespace of its own for that thread makes
         // the program's FIB lookups see only the routes the test sets up (none by default, and
         // forwarding off, so translated packets are passed to the kernel as they are).
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         loader::ensure_bpffs().unwrap();
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/proxy-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = proxy_testbed::scratch_bpf_dir("datapath");
         let datapath = Datapath::load(&dir, &sizes).unwrap();
         let mut maps = Maps::open_pinned(&dir).unwrap();
         maps.write_config(Config {
@@ -79,7 +74,7 @@ impl Harness {
         let dataplane = Dataplane::adopt(maps).unwrap();
         Harness {
             dir,
-            datapath,
+            datapath: Some(datapath),
             dataplane,
             desired: DesiredState::default(),
         }
@@ -134,7 +129,8 @@ impl Harness {
             data_out: Some(&mut out),
             ..Default::default()
         };
-        let result = self.datapath.program().unwrap().test_run(options).unwrap();
+        let datapath = self.datapath.as_mut().expect("taken only by the drop");
+        let result = datapath.program().unwrap().test_run(options).unwrap();
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
@@ -190,8 +186,15 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        if let Err(error) = loader::uninstall(&self.dir) {
-            eprintln!("cleaning up {}: {error:#}", self.dir.display());
+        let removed = self.datapath.take().map(Datapath::uninstall);
+        if let Some(Err(error)) = removed {
+            let message = format!("cleaning up {}: {error:#}", self.dir.display());
+            // A leftover's maps stay in kernel memory: fail the test, unless it already fails.
+            if std::thread::panicking() {
+                eprintln!("{message}");
+            } else {
+                panic!("{message}");
+            }
         }
     }
 }

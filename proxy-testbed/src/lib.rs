@@ -89,6 +89,7 @@ mod pod_server;
 mod process;
 mod topology;
 
+pub use naming::scratch_bpf_dir;
 pub use netns::Netns;
 pub use pod_server::io_error_kind;
 pub use process::Process;

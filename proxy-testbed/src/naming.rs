@@ -55,6 +55,14 @@ impl Names {
     }
 }
 
+/// A bpffs directory for a test that pins a datapath without a testbed (the packet tests), named
+/// like a testbed's, so that the pins of a test binary killed before its cleanup are swept like
+/// any other leftovers: every datapath's maps hold over 100 MiB of kernel memory until unpinned.
+pub fn scratch_bpf_dir(label: &str) -> PathBuf {
+    sweep_leftovers();
+    Names::next().bpf_dir(label)
+}
+
 /// Removes namespaces, bpffs directories and state directories whose owning process is gone.
 ///
 /// Never fails: a parallel testbed in another process may be sweeping the same leftovers, so
