@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use proxy_testbed::agent::Agent;
 use proxy_testbed::apiserver::{FakeApiServer, Kind};
-use proxy_testbed::{Node, Pod, Testbed, io_error_kind};
+use proxy_testbed::{Pod, Testbed, io_error_kind};
 use serde_json::{Value, json};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_proxy-agent");
@@ -21,7 +21,6 @@ const WATCH_TIMEOUT_S: &str = "2";
 
 struct Cluster {
     _testbed: Testbed,
-    node: Node,
     api: FakeApiServer,
     agent: Agent,
     client: Pod,
@@ -75,7 +74,6 @@ fn cluster() -> Cluster {
     .unwrap();
     Cluster {
         _testbed: testbed,
-        node,
         api,
         agent,
         client,
@@ -93,19 +91,8 @@ impl Cluster {
         });
     }
 
-    /// The agent's Prometheus text, fetched from the node's loopback as a scraper on it would.
     fn metrics(&self) -> String {
-        use std::io::Read;
-        let address = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
-        let mut stream = self.node.netns.tcp_connect(address, TIMEOUT).unwrap();
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        response
+        self.agent.metrics().unwrap()
     }
 }
 

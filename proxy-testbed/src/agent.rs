@@ -6,6 +6,8 @@
 //! as `kubectl`-style tools do) and waits until the agent has synced it, so a test's next packet
 //! meets the new state.
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,6 +18,10 @@ use crate::{Node, Process};
 
 /// How long an agent may take to load, sync and attach, or to sync a change.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The agent's default `--metrics-address`, on its node's loopback.
+const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Agent {
     binary: PathBuf,
@@ -134,6 +140,25 @@ impl Agent {
             );
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The agent's Prometheus text, fetched from the node's loopback as a scraper there would.
+    pub fn metrics(&self) -> Result<String> {
+        let mut stream = self
+            .node
+            .netns
+            .tcp_connect(METRICS, SCRAPE_TIMEOUT)
+            .with_context(|| format!("connecting to the agent's metrics on {METRICS}"))?;
+        stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .context("reading the agent's metrics")?;
+        match response.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => bail!("the agent's metrics endpoint answered:\n{response}"),
+        }
     }
 
     /// How many syncs this agent process has logged.

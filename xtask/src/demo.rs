@@ -111,10 +111,62 @@ pub fn demo(agent_binary: &Path, seed: &Path) -> Result<()> {
     );
     println!("\n`proxy-agent list` on node-1, read from the pinned maps (kubia still empty):\n");
     print!("{}", agents[0].cli(&["list"])?);
+    println!(
+        "\nPer-Service counters of node-1's datapath, from its metrics endpoint (flows from \
+         client-a, which lives there):\n"
+    );
+    print!("{}", service_counters(&agents[0].metrics()?));
     println!("\nCleaning up: agents, namespaces and pins go with the testbed.");
     drop(agents);
     drop(testbed);
     Ok(())
+}
+
+/// The per-Service flow counters of a Prometheus text as a table, one row per Service port.
+fn service_counters(metrics: &str) -> String {
+    const COLUMNS: [(&str, &str); 3] = [
+        ("proxy_service_flows_total", "FLOWS"),
+        ("proxy_service_affinity_hits_total", "AFFINITY HITS"),
+        ("proxy_service_refused_flows_total", "REFUSED"),
+    ];
+    // "name{labels} value" -> labels -> one value per column, in the order the agent lists them.
+    let mut rows: Vec<(String, [String; 3])> = Vec::new();
+    for line in metrics.lines() {
+        let Some((column, rest)) = COLUMNS
+            .iter()
+            .position(|(name, _)| line.starts_with(&format!("{name}{{")))
+            .and_then(|column| Some((column, line.split_once('{')?.1)))
+        else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(&format!("{key}=\"")))
+                .map_or("", |value| value.trim_end_matches('"'))
+                .to_owned()
+        };
+        let port = format!("{}:{}", label("service"), label("port"));
+        let row = match rows.iter().position(|(name, _)| *name == port) {
+            Some(row) => row,
+            None => {
+                rows.push((port, Default::default()));
+                rows.len() - 1
+            }
+        };
+        rows[row].1[column] = value.to_owned();
+    }
+    let mut table = format!(
+        "  {:<28} {:>6} {:>14} {:>8}\n",
+        "SERVICE:PORT", COLUMNS[0].1, COLUMNS[1].1, COLUMNS[2].1
+    );
+    for (port, [flows, hits, refused]) in rows {
+        table += &format!("  {port:<28} {flows:>6} {hits:>14} {refused:>8}\n");
+    }
+    table
 }
 
 /// Opens `count` connections and counts the answering pods: "kubia-1 x21  kubia-3 x19".
@@ -175,6 +227,38 @@ fn print_table(rows: &[Row]) {
             row.frontend.to_string(),
             row.client,
             row.outcome
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counters_table_has_a_row_per_service_port() {
+        let metrics = "\
+# TYPE proxy_service_flows counter
+proxy_service_flows_total{namespace=\"default\",service=\"kubia\",port=\"http\",protocol=\"TCP\"} 20
+proxy_service_flows_total{namespace=\"default\",service=\"bar\",port=\"\",protocol=\"TCP\"} 10
+proxy_service_packets_total{namespace=\"default\",service=\"bar\",port=\"\",protocol=\"TCP\"} 99
+proxy_service_refused_flows_total{namespace=\"default\",service=\"kubia\",port=\"http\",protocol=\"TCP\"} 1
+proxy_service_refused_flows_total{namespace=\"default\",service=\"bar\",port=\"\",protocol=\"TCP\"} 0
+proxy_service_affinity_hits_total{namespace=\"default\",service=\"kubia\",port=\"http\",protocol=\"TCP\"} 19
+proxy_service_affinity_hits_total{namespace=\"default\",service=\"bar\",port=\"\",protocol=\"TCP\"} 0
+";
+        let table = service_counters(metrics);
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                vec!["SERVICE:PORT", "FLOWS", "AFFINITY", "HITS", "REFUSED"],
+                vec!["kubia:http", "20", "19", "1"],
+                vec!["bar:", "10", "0", "0"],
+            ]
         );
     }
 }
