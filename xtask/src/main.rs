@@ -33,7 +33,9 @@ enum Command {
     /// Check for (and install where missing) the toolchains, bpf-linker and Debian packages the
     /// build and the tests need; mount bpffs.
     Setup,
-    /// Run setup, then `cargo test` over the workspace (the eBPF crate is built by proxy-agent).
+    /// Run setup, then `cargo test` over the workspace (the eBPF crate is built by proxy-agent);
+    /// when no argument narrows the run, then `bench --quick`, which proves that the benchmark
+    /// harness works and asserts no timing.
     ///
     /// Arguments go to `cargo test` as given: `cargo xtask test -p proxy-common`,
     /// `cargo xtask test -- --list`. Choosing packages or targets replaces the defaults
@@ -50,8 +52,8 @@ enum Command {
     /// Run setup, build the agent (release), and measure it against direct pod IPs and replicas
     /// of kube-proxy's iptables and nftables layouts: new connections per second and latency
     /// through a ClusterIP at N Services, rule load times, and the control plane (N Services
-    /// programmed from empty, endpoint change latency, memory). Writes target/bench/report.md
-    /// and report.json.
+    /// programmed from empty, endpoint change latency, memory). Writes target/bench/report.md,
+    /// report.json and the charts s1-connections.png and s2-latency.png.
     Bench {
         /// A small run (100-200 Services, 1 s loads, 10 change samples): seconds, not minutes,
         /// to check that the benchmark works. Its figures compare nothing.

@@ -22,9 +22,15 @@ pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// What the tests and benchmarks run: `ip` and namespaces, the iptables/nftables baselines,
-/// `bpftool` to inspect maps, load generators.
+/// `bpftool` to inspect maps, load generators, and the font the benchmark's charts are drawn with.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2", "iptables", "nftables", "bpftool", "wrk", "iperf3",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "bpftool",
+    "wrk",
+    "iperf3",
+    "fonts-dejavu-core",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -65,6 +65,8 @@ pub const ENDPOINTS_PER_SERVICE: u32 = 10;
 pub const MAX_SERVICES: u32 = 50_000;
 const _: () = assert!(MAX_SERVICES * ENDPOINTS_PER_SERVICE <= 8 * HOSTS_PER_SECOND_OCTET);
 const _: () = assert!(MAX_SERVICES <= 16 * HOSTS_PER_SECOND_OCTET);
+// [`map_size_args`] grows only the backend map: the frontend map's default must hold them all.
+const _: () = assert!(MAX_SERVICES <= map_sizes::SERVICES);
 
 /// 256 third octets × 250 hosts (.1 to .250, see [`plan_address`]).
 const HOSTS_PER_SECOND_OCTET: u32 = 256 * 250;

@@ -58,6 +58,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use proxy_common::map_sizes;
 use proxy_testbed::agent::Agent;
 use proxy_testbed::baselines::{self, Protocol, ServiceSpec, iptables, nftables};
 use proxy_testbed::{Pod, Testbed};
@@ -74,6 +75,9 @@ const POD_PORT: u16 = 8080;
 /// Services per manifest file: a file for 10,000 stays far below the agent's 16 MiB limit.
 const SERVICES_PER_FILE: usize = 1000;
 const WARM_UP: &str = "1s";
+/// The target's pods, and so the endpoints of every Service ([`baselines::with_fillers`] gives
+/// each filler as many as the target).
+const PODS: u8 = 3;
 
 /// How much of the scenarios to run.
 pub struct Plan {
@@ -85,6 +89,27 @@ pub struct Plan {
     pub rounds: usize,
     /// wrk's `-d` of a measured run, in seconds.
     pub duration_s: u32,
+}
+
+impl Plan {
+    /// Whether every Service count of the plan fits the agent's default map sizes, which the
+    /// proxy mode runs with.
+    pub const fn fits_default_maps(&self) -> bool {
+        let mut index = 0;
+        while index < self.services.len() {
+            if !fits_default_maps(self.services[index]) {
+                return false;
+            }
+            index += 1;
+        }
+        fits_default_maps(self.latency_services)
+    }
+}
+
+/// The frontend map holds one entry per Service and the backend map one per endpoint; the
+/// others are sized from these two (`map_sizes`).
+const fn fits_default_maps(services: u32) -> bool {
+    services <= map_sizes::SERVICES && services * PODS as u32 <= map_sizes::BACKENDS
 }
 
 pub fn run(agent_binary: &Path, plan: &Plan) -> Result<DataPlane> {
@@ -202,7 +227,7 @@ impl Bed {
     fn new(agent_binary: &Path, mode: Mode, services: u32) -> Result<Bed> {
         let mut testbed = Testbed::new()?;
         let node = testbed.add_node(NODE)?;
-        let pods = (1..=3)
+        let pods = (1..=PODS)
             .map(|i| {
                 let pod = testbed.add_pod(&node, &format!("web-{i}"), node.pod_addr(10 + i))?;
                 pod.serve_http(POD_PORT)?;

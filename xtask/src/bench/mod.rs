@@ -1,25 +1,28 @@
 //! `cargo xtask bench [--quick] [--services N,N,...]`: measures the proxy on this machine and
-//! writes `target/bench/report.md` and `target/bench/report.json`.
+//! writes `target/bench/report.md`, `target/bench/report.json` and two charts,
+//! `s1-connections.png` and `s2-latency.png` ([`charts`]).
 //!
 //! Runs setup, builds the agent in release mode (what a node runs), then the scenarios:
 //!
 //! - S1, new connections per second through a ClusterIP, and S2, request latency on established
 //!   connections ([`data_plane`]): a pod reached directly, through this proxy, and through
 //!   replicas of kube-proxy's iptables and nftables rules, with N Services loaded. S1 at N = 1,
-//!   1,000 and 10,000, S2 at 1,000, every mode twice (interleaved) for 5 s, plus the time each
-//!   replica takes to load and the agent's first sync; `--quick`: N = 1 and 100, S2 at 100, once
-//!   for 1 s. `--services` changes only S3's counts.
+//!   1,000, 10,000 and 30,000, S2 at 1,000, every mode twice (interleaved) for 5 s, plus the time
+//!   each replica takes to load and the agent's first sync; `--quick`: N = 1 and 100, S2 at 100,
+//!   once for 1 s. `--services` changes only S3's counts.
 //! - S3, the control plane ([`control_plane`]): N Services × 10 endpoints programmed from empty,
-//!   endpoint change latency with N Services programmed, agent and BPF map memory. N = 1,000 and
-//!   10,000 with 50 change samples each; `--quick`: N = 200 and 10 samples, a check in seconds
-//!   that the benchmark works.
+//!   endpoint change latency with N Services programmed, agent and BPF map memory. N = 1,000,
+//!   10,000 and 30,000 with 50 change samples each; `--quick`: N = 200 and 10 samples, a check in
+//!   seconds that the benchmark works.
 //!
-//! Each N (in S1 and S2 each run) gets its own testbed, so every run starts from empty maps, and the objects are the same
-//! on every run. The figures are printed next to the targets and never asserted: on a
-//! shared two-core machine a benchmark measures, it does not pass or fail. It fails only when a
-//! measurement cannot be taken (the agent does not start, a change never reaches the datapath).
-//! The JSON holds the same numbers and every raw latency sample, for comparing runs.
+//! Each N (in S1 and S2 each run) gets its own testbed, so every run starts from empty maps, and
+//! the objects are the same on every run. The figures are printed next to the targets and
+//! never asserted: on a shared two-core machine a benchmark measures, it does not pass or fail. It
+//! fails only when a measurement cannot be taken (the agent does not start, a change never reaches
+//! the datapath). The JSON holds the same numbers and every raw latency sample, for comparing
+//! runs; the charts draw the S1 and S2 figures of the report.
 
+mod charts;
 mod control_plane;
 mod data_plane;
 mod report;
@@ -34,12 +37,12 @@ use report::{Machine, Report};
 
 pub use control_plane::MAX_SERVICES;
 
-const SERVICES: &[u32] = &[1_000, 10_000];
+const SERVICES: &[u32] = &[1_000, 10_000, 30_000];
 const SAMPLES: usize = 50;
 const QUICK_SERVICES: &[u32] = &[200];
 const QUICK_SAMPLES: usize = 10;
 const DATA_PLANE: data_plane::Plan = data_plane::Plan {
-    services: &[1, 1_000, 10_000],
+    services: &[1, 1_000, 10_000, 30_000],
     latency_services: 1_000,
     rounds: 2,
     duration_s: 5,
@@ -50,6 +53,8 @@ const QUICK_DATA_PLANE: data_plane::Plan = data_plane::Plan {
     rounds: 1,
     duration_s: 1,
 };
+// S1 and S2 start the agent with its default map sizes (S3 raises them where it needs to).
+const _: () = assert!(DATA_PLANE.fits_default_maps() && QUICK_DATA_PLANE.fits_default_maps());
 
 /// Runs the benchmark; `services` replaces the default Service counts (also with `quick`).
 pub fn bench(quick: bool, services: Option<Vec<u32>>) -> Result<()> {
@@ -86,9 +91,17 @@ pub fn bench(quick: bool, services: Option<Vec<u32>>) -> Result<()> {
         data_plane,
         control_plane,
     };
-    let (md, json) = report::write(&report, &target.join("bench"))?;
+    let dir = target.join("bench");
+    let (md, json) = report::write(&report, &dir)?;
+    let (s1, s2) = charts::write(&report, &dir)?;
     println!("\n{}", report::markdown(&report));
-    println!("written: {}, {}", md.display(), json.display());
+    println!(
+        "written: {}, {}, {}, {}",
+        md.display(),
+        json.display(),
+        s1.display(),
+        s2.display()
+    );
     Ok(())
 }
 

@@ -102,6 +102,30 @@ pub struct DataPlane {
     pub load: Vec<LoadTime>,
 }
 
+impl DataPlane {
+    /// S1's heading, in the report and on its chart.
+    pub const S1_TITLE: &str = "S1 new connections per second through a ClusterIP";
+
+    /// S2's heading, in the report and on its chart.
+    pub fn s2_title(&self) -> String {
+        let services = self.latency.first().map_or(0, |row| row.services);
+        format!(
+            "S2 request latency on established connections, {} Services",
+            thousands(services.into())
+        )
+    }
+
+    /// The wrk command line of S1's measured runs (the data_plane module runs it).
+    pub fn s1_command(&self) -> String {
+        format!("wrk -t2 -c32 -d{}s -H 'Connection: close'", self.duration_s)
+    }
+
+    /// The wrk command line of S2's measured runs.
+    pub fn s2_command(&self) -> String {
+        format!("wrk -t1 -c4 -d{}s --latency", self.duration_s)
+    }
+}
+
 /// One wrk run.
 #[derive(Debug, PartialEq, Serialize)]
 pub struct WrkRun {
@@ -316,10 +340,9 @@ fn data_plane_markdown(out: &mut String, data: &DataPlane) {
     let runs = data.rounds;
     let _ = writeln!(
         out,
-        "## S1 new connections per second through a ClusterIP\n\n\
-         `wrk -t2 -c32 -d{}s -H 'Connection: close'` from a pod on the node; {runs} run(s) per \
-         row, modes interleaved.\n",
-        data.duration_s
+        "## {}\n\n`{}` from a pod on the node; {runs} run(s) per row, modes interleaved.\n",
+        DataPlane::S1_TITLE,
+        data.s1_command()
     );
     let _ = writeln!(
         out,
@@ -338,14 +361,11 @@ fn data_plane_markdown(out: &mut String, data: &DataPlane) {
             times(row.vs_direct),
         );
     }
-    let services = data.latency.first().map_or(0, |row| row.services);
     let _ = writeln!(
         out,
-        "\n## S2 request latency on established connections, {} Services\n\n\
-         `wrk -t1 -c4 -d{}s --latency` (keep-alive); median over {runs} run(s) of wrk's \
-         percentiles.\n",
-        thousands(services.into()),
-        data.duration_s
+        "\n## {}\n\n`{}` (keep-alive); median over {runs} run(s) of wrk's percentiles.\n",
+        data.s2_title(),
+        data.s2_command()
     );
     let _ = writeln!(
         out,
@@ -431,7 +451,7 @@ fn per_second(rate: f64) -> String {
 }
 
 /// `0.93×`, or `-` for a ratio that could not be taken.
-fn times(ratio: f64) -> String {
+pub(super) fn times(ratio: f64) -> String {
     if ratio.is_finite() {
         format!("{ratio:.2}×")
     } else {
@@ -440,7 +460,7 @@ fn times(ratio: f64) -> String {
 }
 
 /// `87.5 µs` below a millisecond, [`duration`] from there.
-fn nanos(ns: u64) -> String {
+pub(super) fn nanos(ns: u64) -> String {
     if ns < 1_000_000 {
         format!("{:.1} µs", ns as f64 / 1000.0)
     } else {
@@ -453,7 +473,7 @@ fn mib(bytes: u64) -> String {
 }
 
 /// `10000` as `10,000`.
-fn thousands(n: u64) -> String {
+pub(super) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, digit) in digits.chars().enumerate() {
