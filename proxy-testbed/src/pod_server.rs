@@ -273,17 +273,19 @@ fn echo(mut stream: TcpStream, greeting: &[u8], stop: &AtomicBool) -> io::Result
         match stream.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(len) => write_unless_stopped(&mut stream, &buf[..len], stop)?,
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(err) if is_timeout(&err) => {}
             Err(err) => return Err(err),
         }
     }
     Ok(())
+}
+
+/// A socket timeout (`WouldBlock` on Linux, `TimedOut` elsewhere) or a signal: try again.
+fn is_timeout(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }
 
 /// Writes all of `data`, waiting as long as the peer reads slowly, but not past a stop: a peer
@@ -303,13 +305,7 @@ fn write_unless_stopped(
         match stream.write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => data = &data[written..],
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(err) if is_timeout(&err) => {}
             Err(err) => return Err(err),
         }
     }
